@@ -1,0 +1,48 @@
+# Set-up, build and test for the LLM Scratch book. Every target creates the
+# virtual environment in .venv and installs requirements.txt when needed.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+NOTEBOOKS := $(wildcard chapters/*.ipynb)
+
+.PHONY: help install book test test-package test-notebooks test-book notebooks bench clean
+
+help:
+	@echo "make book       build the HTML book into _build/html from the stored notebook outputs"
+	@echo "make test       package tests, strict nbval on every chapter, strict book build"
+	@echo "make notebooks  re-execute every chapter in place and normalize its metadata"
+	@echo "make clean      remove _build"
+
+$(INSTALLED): requirements.txt code/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -r requirements.txt
+	touch $@
+
+install: $(INSTALLED)
+
+book: $(INSTALLED)
+	$(BIN)/jupyter-book build .
+	@echo "Open _build/html/index.html in a browser."
+
+test-package: $(INSTALLED)
+	$(BIN)/python -m pytest code/tests -q
+
+# --nbval (not --nbval-lax) compares every stored text output with a fresh run.
+test-notebooks: $(INSTALLED)
+	MPLBACKEND=module://matplotlib_inline.backend_inline \
+	$(BIN)/python -m pytest --nbval --nbval-current-env -p no:cacheprovider $(NOTEBOOKS) -q
+
+# -W turns warnings into errors, -n reports every unresolved reference.
+test-book: $(INSTALLED)
+	rm -rf _build
+	$(BIN)/jupyter-book build . -W -n --keep-going
+
+test: test-package test-notebooks test-book
+
+notebooks: $(INSTALLED)
+	$(BIN)/python scripts/execute_notebooks.py $(NOTEBOOKS)
+
+clean:
+	rm -rf _build
