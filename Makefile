@@ -13,11 +13,12 @@ help:
 	@echo "make book       build the HTML book into _build/html from the stored notebook outputs"
 	@echo "make test       package tests, strict nbval on every chapter, strict book build"
 	@echo "make notebooks  re-execute every chapter in place and normalize its metadata"
+	@echo "make bench      time attention on the CPU and write benchmarks/results/"
 	@echo "make clean      remove _build"
 
-$(INSTALLED): requirements.txt code/pyproject.toml
+$(INSTALLED): requirements.txt requirements-test.txt code/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -r requirements.txt
+	$(BIN)/python -m pip install -r requirements.txt -r requirements-test.txt
 	touch $@
 
 install: $(INSTALLED)
@@ -26,8 +27,9 @@ book: $(INSTALLED)
 	$(BIN)/jupyter-book build .
 	@echo "Open _build/html/index.html in a browser."
 
+# Tests build reference models from configurations and never download weights.
 test-package: $(INSTALLED)
-	$(BIN)/python -m pytest code/tests -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest code/tests -q -p no:cacheprovider
 
 # --nbval (not --nbval-lax) compares every stored text output with a fresh run.
 test-notebooks: $(INSTALLED)
@@ -43,6 +45,11 @@ test: test-package test-notebooks test-book
 
 notebooks: $(INSTALLED)
 	$(BIN)/python scripts/execute_notebooks.py $(NOTEBOOKS)
+
+# Times attention on this machine and rewrites benchmarks/results/attention.{md,json,png};
+# about a minute on 2 cores.
+bench: $(INSTALLED)
+	$(BIN)/python benchmarks/bench_attention.py
 
 clean:
 	rm -rf _build

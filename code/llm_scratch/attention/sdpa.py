@@ -54,17 +54,32 @@ def stable_softmax(scores: Tensor, dim: int = -1) -> Tensor:
     ``-inf`` returns all zeros (``torch.softmax`` returns NaN there), and its
     gradient is zero rather than NaN.
     """
+    return _stable_softmax(scores, dim, in_place=False)
+
+
+def _stable_softmax(scores: Tensor, dim: int, in_place: bool) -> Tensor:
+    """Compute :func:`stable_softmax`, overwriting ``scores`` when ``in_place`` is true.
+
+    The in-place form saves two temporaries the size of ``scores``, which for
+    long sequences are the largest tensors of attention. Callers pass
+    ``in_place=True`` only for a scores tensor they created themselves.
+    """
     row_max = scores.detach().amax(dim=dim, keepdim=True)
     # A row of all -inf has max -inf, and -inf - (-inf) is NaN. Shifting such a
     # row by 0 instead leaves exp(-inf) = 0 in every entry.
     row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
-    exponentials = torch.exp(scores - row_max)
+    shifted = scores.sub_(row_max) if in_place else scores - row_max
+    exponentials = shifted.exp_()
 
     total = exponentials.sum(dim=dim, keepdim=True)
     # Dividing a row of zeros by 1 keeps it zero and keeps the backward pass
     # free of 0/0.
     total = torch.where(total == 0, torch.ones_like(total), total)
-    return exponentials / total
+    if torch.is_grad_enabled() and exponentials.requires_grad:
+        # The backward pass of exp_ reads its output, so the division must not
+        # overwrite it.
+        return exponentials / total
+    return exponentials.div_(total)
 
 
 def _check_inputs(
@@ -173,17 +188,26 @@ def _attention_weights(
     if scale is None:
         scale = 1.0 / math.sqrt(query.size(-1))
 
-    scores = (query @ key.transpose(-2, -1)) * scale  # (..., L, S)
+    # The scores are the largest tensor here, (..., L, S), so every later step
+    # rewrites them in place instead of allocating another one. In-place
+    # scaling and masking are safe for autograd, because the backward pass of
+    # a matmul reads its inputs, not its output.
+    scores = query @ key.transpose(-2, -1)  # (..., L, S)
+    scores.mul_(scale)
 
     if is_causal:
         attn_mask = causal_mask(query.size(-2), key.size(-2), device=query.device)
+    if attn_mask is not None and torch.broadcast_shapes(scores.shape, attn_mask.shape) != scores.shape:
+        # Some batch dimensions appear only in value and the mask, not in the
+        # scores, so the mask cannot be applied to the scores in place.
+        scores = scores.expand(torch.broadcast_shapes(scores.shape, attn_mask.shape)).clone()
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
+            scores.masked_fill_(attn_mask.logical_not(), float("-inf"))
         else:
-            scores = scores + attn_mask.to(scores.dtype)
+            scores.add_(attn_mask.to(scores.dtype))
 
-    return stable_softmax(scores, dim=-1)
+    return _stable_softmax(scores, dim=-1, in_place=True)
 
 
 def scaled_dot_product_attention(

@@ -1,0 +1,5 @@
+"""Small models assembled from the package's parts, for tests and chapter demonstrations."""
+
+from llm_scratch.models.tiny import TinyDecoder, TinyDecoderConfig
+
+__all__ = ["TinyDecoder", "TinyDecoderConfig"]
