@@ -11,7 +11,10 @@ Run from the repository root with ``make bench``, or
    against the same layer written directly around PyTorch's fused kernel;
 4. prefill and per-token decode with the KV cache for multi-head, grouped-query
    and multi-query attention;
-5. one decode step with the cache against recomputing the whole prefix.
+5. one decode step with the cache against recomputing the whole prefix;
+6. one decode step of multi-head latent attention (DeepSeek-V2-Lite's
+   attention sizes), the naive path against the absorbed one, as the context
+   grows.
 
 It writes ``attention.md``, ``attention.json`` and ``attention.png`` into
 ``benchmarks/results/`` (or ``--output``) and prints the Markdown tables. Each
@@ -40,7 +43,9 @@ sys.path.insert(0, str(REPOSITORY / "code"))
 
 from llm_scratch.attention import (  # noqa: E402
     GroupedQueryAttention,
+    MLAConfig,
     MultiHeadAttention,
+    MultiHeadLatentAttention,
     MultiQueryAttention,
     scaled_dot_product_attention,
 )
@@ -51,6 +56,14 @@ from llm_scratch.models import TinyDecoder, TinyDecoderConfig  # noqa: E402
 EXPLICIT_VS_FUSED_TARGET = 1.3
 SWITCH_OVERHEAD_TARGET = 1.05
 CACHE_SPEEDUP_TARGET = 10.0
+MLA_ABSORB_SPEEDUP_TARGET = 2.0
+
+# A scaled-down MLA layer for --quick: the same structure as DeepSeek-V2-Lite's
+# attention with every width divided by 16 or so.
+QUICK_MLA_CONFIG = MLAConfig(
+    d_model=128, n_heads=4, q_lora_rank=None, kv_lora_rank=32,
+    qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+)
 
 
 @dataclass
@@ -68,6 +81,7 @@ class Sizes:
     decode_calls_per_round: int = 8
     model_layers: int = 2
     model_vocab: int = 1024
+    mla_context_lens: tuple[int, ...] = (512, 1024, 2048, 4096)
     rounds: int = 5
 
     @property
@@ -87,6 +101,7 @@ QUICK_SIZES = Sizes(
     decode_calls_per_round=2,
     model_layers=1,
     model_vocab=64,
+    mla_context_lens=(32, 64),
     rounds=2,
 )
 
@@ -377,6 +392,48 @@ def bench_cache_against_recompute(sizes: Sizes) -> list[dict]:
     return rows
 
 
+def bench_mla_paths(sizes: Sizes, config: MLAConfig) -> list[dict]:
+    """Time one MLA decode step, naive against absorbed, after prompts of each length in ``mla_context_lens``.
+
+    Both paths read the same cache layout (the latent ``c_KV`` and the rotated
+    key ``k_R``), so one prefill serves both. The naive path decompresses
+    every cached token into per-head keys and values at each step; the
+    absorbed path attends over the latents directly.
+    """
+    torch.manual_seed(0)
+    layer = MultiHeadLatentAttention(config).eval()
+    generator = torch.Generator().manual_seed(4)
+    rows = []
+    for context_len in sizes.mla_context_lens:
+        prompt = torch.randn(1, context_len, config.d_model, generator=generator)
+        new_token = torch.randn(1, 1, config.d_model, generator=generator)
+        cache = layer.make_kv_cache(1, context_len + 1)
+        layer(prompt, kv_cache=cache)
+
+        timings = measure(
+            {
+                path: Case(
+                    lambda absorb=(path == "absorbed"): layer(new_token, kv_cache=cache, absorb=absorb),
+                    lambda: cache.crop(context_len),
+                    sizes.decode_calls_per_round,
+                )
+                for path in ("naive", "absorbed")
+            },
+            sizes.rounds,
+        )
+        naive, absorbed = timings["naive"], timings["absorbed"]
+        rows.append(
+            {
+                "context_len": context_len,
+                "naive_ms_per_token": 1e3 * naive["median_s"],
+                "absorbed_ms_per_token": 1e3 * absorbed["median_s"],
+                "speedup": naive["median_s"] / absorbed["median_s"],
+                "cache_bytes_per_token": cache.nbytes // (cache.batch * cache.max_seq_len),
+            }
+        )
+    return rows
+
+
 def summarize_targets(results: dict, sizes: Sizes) -> list[dict]:
     longest = [row for row in results["attention"] if row["seq_len"] == sizes.seq_lens[-1] and row["is_causal"]][0]
     switch = max(row["torch_backend_over_direct"] for row in results["backend_switch"])
@@ -399,6 +456,12 @@ def summarize_targets(results: dict, sizes: Sizes) -> list[dict]:
             f"recomputing {sizes.context_len} tokens (slowest backend)",
             "measured": f"{cache:.1f}x",
             "met": cache >= CACHE_SPEEDUP_TARGET,
+        },
+        {
+            "target": f"MLA absorbed decode at least {MLA_ABSORB_SPEEDUP_TARGET:.0f}x faster per token than "
+            f"naive at {sizes.mla_context_lens[-1]} tokens of context",
+            "measured": f"{results['mla_paths'][-1]['speedup']:.1f}x",
+            "met": results["mla_paths"][-1]["speedup"] >= MLA_ABSORB_SPEEDUP_TARGET,
         },
     ]
 
@@ -522,6 +585,23 @@ def to_markdown(results: dict, sizes: Sizes) -> str:
             ],
         ),
         "",
+        f"## Multi-head latent attention: naive against absorbed decoding (one layer, batch 1, "
+        f"{results['mla_config']['description']})",
+        "",
+        markdown_table(
+            ["context tokens", "naive ms / token", "absorbed ms / token", "speedup", "cache bytes / token"],
+            [
+                [
+                    str(row["context_len"]),
+                    f"{row['naive_ms_per_token']:.2f}",
+                    f"{row['absorbed_ms_per_token']:.2f}",
+                    f"{row['speedup']:.1f}x",
+                    f"{row['cache_bytes_per_token']:,}",
+                ]
+                for row in results["mla_paths"]
+            ],
+        ),
+        "",
     ]
     return "\n".join(parts)
 
@@ -539,7 +619,7 @@ def draw_figure(results: dict, sizes: Sizes, path: Path) -> None:
     from llm_scratch.plotting import use_book_style
 
     use_book_style()
-    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(12.0, 3.8))
+    figure, (left, middle, right, last) = plt.subplots(1, 4, figsize=(16.0, 3.8))
 
     causal = [row for row in results["attention"] if row["is_causal"]]
     lengths = [row["seq_len"] for row in causal]
@@ -586,6 +666,18 @@ def draw_figure(results: dict, sizes: Sizes, path: Path) -> None:
     right.set_title(f"Model step, {sizes.context_len} tokens of context")
     right.legend()
 
+    mla = results["mla_paths"]
+    contexts = [row["context_len"] for row in mla]
+    last.plot(contexts, [row["naive_ms_per_token"] for row in mla], marker="o", label="naive")
+    last.plot(contexts, [row["absorbed_ms_per_token"] for row in mla], marker="s", label="absorbed")
+    last.set_xscale("log", base=2)
+    last.set_yscale("log")
+    last.set_xticks(contexts, labels=[str(context) for context in contexts])
+    last.set_xlabel("tokens of context")
+    last.set_ylabel("time per token (ms)")
+    last.set_title("MLA decode, one layer")
+    last.legend()
+
     figure.savefig(path)
     plt.close(figure)
 
@@ -623,6 +715,14 @@ def main() -> None:
         results["cache_variants"] = bench_cache_variants(sizes)
         print("cache against recomputation ...", flush=True)
         results["cache_vs_recompute"] = bench_cache_against_recompute(sizes)
+        print("MLA naive against absorbed ...", flush=True)
+        mla_config = QUICK_MLA_CONFIG if arguments.quick else MLAConfig.deepseek_v2_lite()
+        results["mla_config"] = {
+            **asdict(mla_config),
+            "description": "a scaled-down MLA layer" if arguments.quick
+            else "DeepSeek-V2-Lite attention sizes: d_model 2048, 16 heads, kv_lora_rank 512",
+        }
+        results["mla_paths"] = bench_mla_paths(sizes, mla_config)
     run_seconds = time.perf_counter() - started
     busy_at_end = busy_cpu_seconds()
     results["machine"]["run_seconds"] = round(run_seconds, 1)

@@ -426,3 +426,31 @@ def test_state_dict_to_hf_returns_copies():
     converted["o_proj.weight"].zero_()
 
     assert model.o_proj.weight.abs().sum() > 0
+
+
+def test_cache_crop_then_append_matches_fresh_decoding():
+    model = make_model(make_config(24), seed=12)
+    x = inputs(2, 9, dtype=torch.float32, seed=13)
+    other = inputs(2, 1, dtype=torch.float32, seed=14)
+    cache = model.make_kv_cache(2, 12)
+
+    with torch.no_grad():
+        model(x[:, :8], kv_cache=cache)
+        model(other, kv_cache=cache)
+        cache.crop(8)
+        after_crop = model(x[:, 8:], kv_cache=cache)
+        full = model(x)
+
+    assert cache.seq_len == 9
+    torch.testing.assert_close(after_crop, full[:, 8:], **PATHS_TOLERANCE)
+
+
+@pytest.mark.parametrize("seq_len", [-1, 3, 1.5])
+def test_cache_crop_rejects_invalid_length(seq_len):
+    model = make_model(make_config(24))
+    cache = model.make_kv_cache(1, 4)
+    with torch.no_grad():
+        model(inputs(1, 2, dtype=torch.float32), kv_cache=cache)
+
+    with pytest.raises(ValueError, match=f"seq_len={seq_len!r} is invalid"):
+        cache.crop(seq_len)

@@ -218,6 +218,19 @@ class MLAKVCache:
         self._seq_len = end
         return self.latent, self.k_rope
 
+    def crop(self, seq_len: int) -> None:
+        """Keep only the first ``seq_len`` positions, as :meth:`KVCache.crop` does.
+
+        The storage is kept, and the dropped positions are overwritten by the
+        next :meth:`append`.
+        """
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 <= seq_len <= self._seq_len:
+            raise ValueError(
+                f"seq_len={seq_len!r} is invalid; expected an int between 0 and the "
+                f"{self._seq_len} filled positions"
+            )
+        self._seq_len = seq_len
+
     def reset(self) -> None:
         """Empty the cache for a new prompt; the storage is kept and later overwritten."""
         self._seq_len = 0
