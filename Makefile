@@ -7,11 +7,12 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 NOTEBOOKS := $(wildcard chapters/*.ipynb)
 
-.PHONY: help install book test test-package test-notebooks test-book notebooks bench clean
+.PHONY: help install book test test-package test-notebooks test-book test-site notebooks bench clean
 
 help:
 	@echo "make book       build the HTML book into _build/html from the stored notebook outputs"
-	@echo "make test       package tests, strict nbval on every chapter, strict book build"
+	@echo "make test       package tests, strict nbval on every chapter, strict book build, browser check"
+	@echo "make test-site  open every page of the built book in headless Chromium (needs _build/html)"
 	@echo "make notebooks  re-execute every chapter in place and normalize its metadata"
 	@echo "make bench      time attention on the CPU and write benchmarks/results/"
 	@echo "make clean      remove _build"
@@ -41,7 +42,13 @@ test-book: $(INSTALLED)
 	rm -rf _build
 	$(BIN)/jupyter-book build . -W -n --keep-going
 
-test: test-package test-notebooks test-book
+# Opens the site in _build/html as it stands, in Debian's Chromium (`apt-get install chromium`);
+# `make test` rebuilds the site first in test-book.
+test-site: $(INSTALLED)
+	$(BIN)/python -m pytest site_tests -q -p no:cacheprovider
+
+# Runs in the listed order: test-site reads the _build/html that test-book writes, so no -j.
+test: test-package test-notebooks test-book test-site
 
 notebooks: $(INSTALLED)
 	$(BIN)/python scripts/execute_notebooks.py $(NOTEBOOKS)
