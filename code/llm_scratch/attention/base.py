@@ -5,6 +5,11 @@ heads, and query head ``h`` reads key-value head ``h // (n_heads // n_kv_heads)`
 Multi-head attention is the case ``n_kv_heads == n_heads`` and multi-query
 attention the case ``n_kv_heads == 1``. The public classes live in
 :mod:`llm_scratch.attention.mha` and :mod:`llm_scratch.attention.gqa`.
+
+With ``rope_base`` set, the layer applies rotary position embedding to the
+queries and keys of every head after the heads are split and before the keys
+are cached, as Llama does (Su et al., 2021, "RoFormer: Enhanced Transformer
+with Rotary Position Embedding").
 """
 
 import torch
@@ -12,6 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm_scratch.attention.kv_cache import KVCache
+from llm_scratch.attention.rope import (
+    ROPE_LAYOUTS,
+    _check_base,
+    apply_rope,
+    rope_cos_sin,
+)
 from llm_scratch.attention.sdpa import (
     _attention_weights,
     causal_mask,
@@ -67,6 +78,13 @@ class _SelfAttention(nn.Module):
     runs ``torch.nn.functional.scaled_dot_product_attention``. Both give the
     same output up to rounding, with one exception: dropout in training mode
     draws different random masks. The attribute may be changed at any time.
+
+    ``rope_base`` switches on rotary position embedding with the frequencies
+    ``rope_base ** (-2 i / head_dim)``; ``None`` leaves the layer without
+    position information. ``rope_layout`` pairs the rotated features as
+    ``"split_halves"`` (Llama in Hugging Face transformers) or
+    ``"interleaved"`` (RoFormer, DeepSeek); see
+    :mod:`llm_scratch.attention.rope`.
     """
 
     def __init__(
@@ -78,6 +96,8 @@ class _SelfAttention(nn.Module):
         bias: bool = False,
         dropout: float = 0.0,
         backend: str = "explicit",
+        rope_base: float | None = None,
+        rope_layout: str = "split_halves",
     ):
         super().__init__()
         _check_positive_int("d_model", d_model)
@@ -95,6 +115,16 @@ class _SelfAttention(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} is invalid; expected 0 <= dropout < 1")
+        if rope_layout not in ROPE_LAYOUTS:
+            raise ValueError(f"rope_layout={rope_layout!r} is invalid; expected one of {ROPE_LAYOUTS}")
+        if rope_base is not None:
+            _check_base(rope_base)
+            if (d_model // n_heads) % 2 != 0:
+                raise ValueError(
+                    f"head_dim = d_model / n_heads = {d_model // n_heads} is odd, but RoPE rotates "
+                    f"pairs of features; choose d_model and n_heads with an even head_dim, or pass "
+                    f"rope_base=None"
+                )
 
         self.d_model = d_model
         self.n_heads = n_heads
@@ -103,6 +133,8 @@ class _SelfAttention(nn.Module):
         self.group_size = n_heads // n_kv_heads
         self.dropout = dropout
         self.backend = backend
+        self.rope_base = None if rope_base is None else float(rope_base)
+        self.rope_layout = rope_layout
 
         kv_features = n_kv_heads * self.head_dim
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
@@ -124,8 +156,13 @@ class _SelfAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
-            f"head_dim={self.head_dim}, backend={self.backend!r}"
+            f"head_dim={self.head_dim}, backend={self.backend!r}{self._rope_repr()}"
         )
+
+    def _rope_repr(self) -> str:
+        if self.rope_base is None:
+            return ""
+        return f", rope_base={self.rope_base:g}, rope_layout={self.rope_layout!r}"
 
     def make_kv_cache(self, batch: int, max_seq_len: int) -> KVCache:
         """Allocate an empty :class:`KVCache` that fits this layer, on its device and in its dtype."""
@@ -190,6 +227,39 @@ class _SelfAttention(nn.Module):
         key = self._split_heads(self.k_proj(x), self.n_kv_heads)
         value = self._split_heads(self.v_proj(x), self.n_kv_heads)
         return query, key, value
+
+    def _check_positions(self, positions: Tensor, batch: int, seq_len: int) -> None:
+        if self.rope_base is None:
+            raise ValueError(
+                "positions were given, but this layer has no RoPE; construct it with rope_base, "
+                "for example rope_base=10000.0"
+            )
+        if not isinstance(positions, Tensor) or positions.shape not in ((seq_len,), (batch, seq_len)):
+            raise ValueError(
+                f"positions has shape {tuple(getattr(positions, 'shape', ()))}; expected "
+                f"(seq_len={seq_len},) or (batch={batch}, seq_len={seq_len})"
+            )
+
+    def _rotate(
+        self, query: Tensor, key: Tensor, positions: Tensor | None, start: int
+    ) -> tuple[Tensor, Tensor]:
+        """Apply RoPE to ``query`` ``(B, n_heads, T, head_dim)`` and ``key`` ``(B, n_kv_heads, T, head_dim)``.
+
+        The positions default to ``start .. start + T - 1``. Without
+        ``rope_base`` the inputs are returned unchanged.
+        """
+        if self.rope_base is None:
+            return query, key
+        if positions is None:
+            positions = torch.arange(start, start + query.size(2), device=query.device)
+        # Tables in at least float32, so half-precision inputs are rotated with float32 angles.
+        table_dtype = torch.promote_types(query.dtype, torch.float32)
+        cos, sin = rope_cos_sin(
+            positions, self.head_dim, self.rope_base, layout=self.rope_layout, dtype=table_dtype
+        )
+        query = apply_rope(query, cos, sin, layout=self.rope_layout)
+        key = apply_rope(key, cos, sin, layout=self.rope_layout)
+        return query, key
 
     def _combine_masks(
         self, attn_mask: Tensor | None, is_causal: bool, query: Tensor, key_len: int
@@ -301,6 +371,8 @@ class _SelfAttention(nn.Module):
         attn_mask: Tensor | None = None,
         is_causal: bool = True,
         kv_cache: KVCache | None = None,
+        *,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """Attend over the sequence ``x`` and, when given, the positions stored in ``kv_cache``.
 
@@ -317,19 +389,28 @@ class _SelfAttention(nn.Module):
                 values are appended to it, and the queries attend over every
                 cached position. The cache must match the layer's
                 ``n_kv_heads``, ``head_dim``, dtype and device and the batch
-                size of ``x``.
+                size of ``x``. With RoPE the cache stores rotated keys.
+            positions: RoPE positions of the new tokens, ``(seq_len,)`` or
+                ``(batch, seq_len)``, for a layer built with ``rope_base``.
+                By default ``kv_cache.seq_len`` onwards, or ``0 .. seq_len -
+                1`` without a cache.
 
         Returns:
             ``(batch, seq_len, d_model)``.
         """
         query, key, value = self._project(x)  # (B, n_heads, T, head_dim), (B, n_kv_heads, T, head_dim) x 2
         batch, _, seq_len, _ = query.shape
+        if positions is not None:
+            self._check_positions(positions, batch, seq_len)
         key_len = seq_len
         if kv_cache is not None:
             self._check_cache(kv_cache, key)
             key_len += kv_cache.seq_len
         # Every check runs before the cache is written, so an invalid call leaves it unchanged.
         attn_mask = self._combine_masks(attn_mask, is_causal, query, key_len)
+        start = 0 if kv_cache is None else kv_cache.seq_len
+        # The keys are rotated before they are cached, so a cached key is never rotated again.
+        query, key = self._rotate(query, key, positions, start)
         if kv_cache is not None:
             key, value = kv_cache.append(key, value)  # each (B, n_kv_heads, key_len, head_dim)
 
@@ -347,15 +428,24 @@ class _SelfAttention(nn.Module):
 
     @torch.no_grad()
     def attention_weights(
-        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = True
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = True,
+        *,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """Return the attention weights of every query head, ``(batch, n_heads, seq_len, seq_len)``.
 
         The weights are those :meth:`forward` uses without a cache, before
-        dropout. Query heads of one group share keys but not weights, because
-        their queries differ.
+        dropout, with RoPE at ``positions`` (default ``0 .. seq_len - 1``)
+        when the layer has it. Query heads of one group share keys but not
+        weights, because their queries differ.
         """
         query, key, _ = self._project(x)
+        if positions is not None:
+            self._check_positions(positions, query.size(0), query.size(2))
+        query, key = self._rotate(query, key, positions, start=0)
         seq_len = query.size(2)
         attn_mask = self._combine_masks(attn_mask, is_causal, query, seq_len)
         key = repeat_kv(key, self.group_size)  # (B, n_heads, T, head_dim)

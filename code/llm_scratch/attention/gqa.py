@@ -44,10 +44,17 @@ class GroupedQueryAttention(_SelfAttention):
     ``o_proj`` have ``d_model`` output features, ``k_proj`` and ``v_proj``
     have ``n_kv_heads * head_dim``.
 
-    :meth:`forward` takes ``(x, attn_mask=None, is_causal=True, kv_cache=None)``.
-    With a :class:`~llm_scratch.attention.KVCache` the new keys and values are
-    appended to it, and the new queries attend over every cached position
-    with the causal mask aligned bottom-right.
+    :meth:`forward` takes ``(x, attn_mask=None, is_causal=True, kv_cache=None,
+    *, positions=None)``. With a :class:`~llm_scratch.attention.KVCache` the
+    new keys and values are appended to it, and the new queries attend over
+    every cached position with the causal mask aligned bottom-right.
+
+    With ``rope_base`` set, the queries and keys of every head are rotated by
+    RoPE after the heads are split and before the keys are cached, as in
+    Llama. The positions of the new tokens start at the cache length, so
+    decoding token by token reproduces a forward pass over the whole
+    sequence. A key-value head is rotated once, however many query heads
+    share it.
 
     The ``backend`` attribute selects the attention core. ``"explicit"`` runs
     this package's
@@ -66,6 +73,13 @@ class GroupedQueryAttention(_SelfAttention):
         dropout: probability of zeroing an attention weight, applied only in
             training mode.
         backend: ``"explicit"`` or ``"torch"``.
+        rope_base: base of the RoPE frequencies applied to queries and keys,
+            such as ``10000.0`` (Llama 2) or ``500000.0`` (Llama 3); ``None``
+            for no position information.
+        rope_layout: ``"split_halves"`` (Llama in Hugging Face transformers)
+            or ``"interleaved"`` (RoFormer, DeepSeek) pairing of the rotated
+            features; :func:`~llm_scratch.attention.convert_rope_weight`
+            converts ``q_proj`` and ``k_proj`` between them.
     """
 
     def __init__(
@@ -77,8 +91,19 @@ class GroupedQueryAttention(_SelfAttention):
         bias: bool = False,
         dropout: float = 0.0,
         backend: str = "explicit",
+        rope_base: float | None = None,
+        rope_layout: str = "split_halves",
     ):
-        super().__init__(d_model, n_heads, n_kv_heads, bias=bias, dropout=dropout, backend=backend)
+        super().__init__(
+            d_model,
+            n_heads,
+            n_kv_heads,
+            bias=bias,
+            dropout=dropout,
+            backend=backend,
+            rope_base=rope_base,
+            rope_layout=rope_layout,
+        )
 
     @classmethod
     def from_mha(cls, mha: MultiHeadAttention, n_kv_heads: int) -> "GroupedQueryAttention":
@@ -91,7 +116,9 @@ class GroupedQueryAttention(_SelfAttention):
         projections are copied unchanged. With ``n_kv_heads == mha.n_heads``
         the result computes exactly what ``mha`` computes.
 
-        The new layer has the same dropout, backend, dtype and device as ``mha``.
+        The new layer has the same dropout, backend, RoPE settings, dtype and
+        device as ``mha``. RoPE rotates every key head by the same matrix, so
+        mean-pooling the key projections equals mean-pooling the rotated keys.
         """
         if not isinstance(mha, MultiHeadAttention):
             raise ValueError(f"mha must be a MultiHeadAttention, got {type(mha).__name__}")
@@ -118,6 +145,8 @@ class GroupedQueryAttention(_SelfAttention):
             bias=mha.q_proj.bias is not None,
             dropout=mha.dropout,
             backend=mha.backend,
+            rope_base=mha.rope_base,
+            rope_layout=mha.rope_layout,
         )
 
 
@@ -134,6 +163,8 @@ class MultiQueryAttention(GroupedQueryAttention):
         dropout: probability of zeroing an attention weight, applied only in
             training mode.
         backend: ``"explicit"`` or ``"torch"``.
+        rope_base, rope_layout: RoPE settings, as for
+            :class:`GroupedQueryAttention`.
     """
 
     def __init__(
@@ -144,8 +175,19 @@ class MultiQueryAttention(GroupedQueryAttention):
         bias: bool = False,
         dropout: float = 0.0,
         backend: str = "explicit",
+        rope_base: float | None = None,
+        rope_layout: str = "split_halves",
     ):
-        super().__init__(d_model, n_heads, 1, bias=bias, dropout=dropout, backend=backend)
+        super().__init__(
+            d_model,
+            n_heads,
+            1,
+            bias=bias,
+            dropout=dropout,
+            backend=backend,
+            rope_base=rope_base,
+            rope_layout=rope_layout,
+        )
 
     @classmethod
     def from_mha(cls, mha: MultiHeadAttention, n_kv_heads: int = 1) -> "MultiQueryAttention":
@@ -168,4 +210,6 @@ class MultiQueryAttention(GroupedQueryAttention):
             bias=mha.q_proj.bias is not None,
             dropout=mha.dropout,
             backend=mha.backend,
+            rope_base=mha.rope_base,
+            rope_layout=mha.rope_layout,
         )

@@ -24,6 +24,10 @@ class MultiHeadAttention(_SelfAttention):
             training mode.
         backend: ``"explicit"`` to run this package's attention,
             ``"torch"`` to run PyTorch's fused kernel.
+        rope_base: base of the RoPE frequencies applied to queries and keys,
+            such as ``10000.0``; ``None`` for no position information.
+        rope_layout: ``"split_halves"`` or ``"interleaved"`` pairing of the
+            rotated features.
     """
 
     def __init__(
@@ -34,11 +38,22 @@ class MultiHeadAttention(_SelfAttention):
         bias: bool = False,
         dropout: float = 0.0,
         backend: str = "explicit",
+        rope_base: float | None = None,
+        rope_layout: str = "split_halves",
     ):
-        super().__init__(d_model, n_heads, n_heads, bias=bias, dropout=dropout, backend=backend)
+        super().__init__(
+            d_model,
+            n_heads,
+            n_heads,
+            bias=bias,
+            dropout=dropout,
+            backend=backend,
+            rope_base=rope_base,
+            rope_layout=rope_layout,
+        )
 
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, n_heads={self.n_heads}, head_dim={self.head_dim}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}{self._rope_repr()}"
         )
