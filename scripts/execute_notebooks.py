@@ -30,11 +30,35 @@ def normalize(notebook: nbformat.NotebookNode) -> None:
     for cell in notebook.cells:
         kept = {key: value for key, value in cell.metadata.items() if key in ("tags",)}
         cell.metadata = nbformat.from_dict(kept)
-        for output in cell.get("outputs", []):
-            if "metadata" in output and not output.metadata:
-                continue
+        if cell.cell_type != "code":
+            continue
+        cell.outputs = merge_streams(cell.outputs)
+        for output in cell.outputs:
             if "metadata" in output:
                 output.metadata.pop("execution", None)
+
+
+def merge_streams(outputs: list) -> list:
+    """Join consecutive outputs of the same stream into one.
+
+    The kernel flushes stdout at moments that depend on timing, so one run can
+    store a cell's printed text as one output and the next as several. Joining
+    them makes the stored notebook the same on every run; nbval joins them the
+    same way before it compares.
+    """
+    merged = []
+    for output in outputs:
+        previous = merged[-1] if merged else None
+        if (
+            output.output_type == "stream"
+            and previous is not None
+            and previous.output_type == "stream"
+            and previous.name == output.name
+        ):
+            previous.text += output.text
+        else:
+            merged.append(output)
+    return merged
 
 
 def execute(path: Path) -> float:
