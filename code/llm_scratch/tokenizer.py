@@ -2,18 +2,34 @@
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-# Words (letters, digits and inner apostrophes, as in "don't") or single
-# punctuation marks. Whitespace separates tokens and is not kept.
-_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?|[^\sA-Za-z0-9]")
+from llm_scratch._checks import is_int
+
+# Words (Unicode letters and digits, with an inner apostrophe followed by
+# letters, as in "don't") or single punctuation marks, the underscore among
+# them. Whitespace separates tokens and is not kept. On ASCII text this splits
+# exactly as [A-Za-z0-9]+(?:'[A-Za-z]+)?|[^\sA-Za-z0-9] does, and a word with
+# letters outside ASCII, such as "café", stays one token.
+_TOKEN_PATTERN = re.compile(r"[^\W_]+(?:'[^\W\d_]+)?|[^\w\s]|_")
+
+
+def _check_text(text: object) -> None:
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
 
 
 def split_words(text: str, lowercase: bool = True) -> list[str]:
-    """Split ``text`` into word and punctuation tokens."""
+    """Split ``text`` into word and punctuation tokens.
+
+    A word is a run of Unicode letters and digits, optionally followed by an
+    apostrophe and letters ("don't"). Every other character that is not
+    whitespace is a token of its own.
+    """
+    _check_text(text)
     if lowercase:
         text = text.lower()
     return _TOKEN_PATTERN.findall(text)
@@ -26,12 +42,27 @@ class WordTokenizer:
     when the vocabulary was built. The remaining ids follow frequency, most
     frequent first, with ties broken alphabetically, so the same texts always
     give the same vocabulary.
+
+    Words are runs of Unicode letters and digits (see :func:`split_words`),
+    so accented and non-Latin words are single tokens. ``vocab`` may be any
+    sequence of strings and is copied to a list.
     """
 
     pad_token = "<pad>"
     unk_token = "<unk>"
 
     def __init__(self, vocab: list[str], lowercase: bool = True):
+        if isinstance(vocab, str) or not isinstance(vocab, Sequence):
+            raise ValueError(
+                f"vocab must be a list of token strings starting with "
+                f"{[self.pad_token, self.unk_token]}, got {type(vocab).__name__}"
+            )
+        vocab = list(vocab)
+        for token in vocab:
+            if not isinstance(token, str):
+                raise ValueError(
+                    f"vocab contains {token!r} of type {type(token).__name__}; expected str tokens"
+                )
         if vocab[:2] != [self.pad_token, self.unk_token]:
             raise ValueError(
                 f"vocab must start with {[self.pad_token, self.unk_token]}, got {vocab[:2]}"
@@ -82,9 +113,11 @@ class WordTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Join the tokens of ``ids`` with spaces, dropping padding."""
+        if isinstance(ids, (str, bytes)):
+            raise ValueError(f"ids must be a sequence of int token ids, got {type(ids).__name__} {ids!r}")
         tokens = []
         for index in ids:
-            index = int(index)
+            index = _check_token_id(index)
             if not 0 <= index < len(self.vocab):
                 raise ValueError(f"token id {index} is outside the vocabulary of size {len(self.vocab)}")
             if index != self.pad_id:
@@ -98,6 +131,11 @@ class WordTokenizer:
             ``ids`` of shape ``(batch, max_len)`` and ``lengths`` of shape
             ``(batch,)``, the number of real tokens in each row.
         """
+        if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+            raise ValueError(
+                f"texts must be a list of strings, got {type(texts).__name__}; wrap a single text "
+                f"in a list"
+            )
         encoded = [self.encode(text) for text in texts]
         lengths = torch.tensor([len(ids) for ids in encoded], dtype=torch.long)
         max_len = int(lengths.max()) if encoded else 0
@@ -105,6 +143,17 @@ class WordTokenizer:
         for row, sequence in enumerate(encoded):
             ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
         return ids, lengths
+
+
+def _check_token_id(index: object) -> int:
+    """Return ``index`` as an int: a Python or NumPy integer, or a one-element integer tensor."""
+    if isinstance(index, Tensor) and index.numel() == 1 and not (
+        index.is_floating_point() or index.is_complex() or index.dtype == torch.bool
+    ):
+        return int(index)
+    if is_int(index):
+        return int(index)
+    raise ValueError(f"token id {index!r} of type {type(index).__name__} is invalid; expected an int")
 
 
 # The sentence every chapter of Part I draws its attention maps on. Its

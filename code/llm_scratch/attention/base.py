@@ -16,6 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llm_scratch._checks import (
+    check_bool,
+    check_input_dtype,
+    check_positive_int,
+    check_probability,
+    is_int,
+)
 from llm_scratch.attention.kv_cache import KVCache
 from llm_scratch.attention.rope import (
     ROPE_LAYOUTS,
@@ -48,8 +55,9 @@ def repeat_kv(kv: Tensor, group_size: int) -> Tensor:
     if not isinstance(kv, Tensor) or kv.dim() != 4:
         shape = tuple(kv.shape) if isinstance(kv, Tensor) else type(kv).__name__
         raise ValueError(f"kv has shape {shape}; expected (batch, n_kv_heads, seq_len, head_dim)")
-    if not isinstance(group_size, int) or group_size < 1:
+    if not is_int(group_size) or group_size < 1:
         raise ValueError(f"group_size={group_size!r} is invalid; expected a positive int")
+    group_size = int(group_size)
     if group_size == 1:
         return kv
     batch, n_kv_heads, seq_len, head_dim = kv.shape
@@ -59,9 +67,8 @@ def repeat_kv(kv: Tensor, group_size: int) -> Tensor:
     return expanded.reshape(batch, n_kv_heads * group_size, seq_len, head_dim)
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid; expected a positive int")
+def _check_positive_int(name: str, value: object) -> int:
+    return check_positive_int(name, value)
 
 
 class _SelfAttention(nn.Module):
@@ -100,9 +107,9 @@ class _SelfAttention(nn.Module):
         rope_layout: str = "split_halves",
     ):
         super().__init__()
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("n_heads", n_heads)
-        _check_positive_int("n_kv_heads", n_kv_heads)
+        d_model = _check_positive_int("d_model", d_model)
+        n_heads = _check_positive_int("n_heads", n_heads)
+        n_kv_heads = _check_positive_int("n_kv_heads", n_kv_heads)
         if d_model % n_heads != 0:
             raise ValueError(
                 f"d_model={d_model} is not divisible by n_heads={n_heads}; choose n_heads "
@@ -113,6 +120,7 @@ class _SelfAttention(nn.Module):
                 f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}; choose n_kv_heads "
                 f"among the divisors of n_heads"
             )
+        check_probability("dropout", dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} is invalid; expected 0 <= dropout < 1")
         if rope_layout not in ROPE_LAYOUTS:
@@ -183,6 +191,9 @@ class _SelfAttention(nn.Module):
             raise ValueError(
                 f"x has {x.size(-1)} features in its last dimension; expected d_model={self.d_model}"
             )
+        if x.size(1) == 0:
+            raise ValueError(f"x has shape {tuple(x.shape)}, seq_len 0; expected at least 1 token")
+        check_input_dtype(x, self.q_proj.weight)
 
     def _check_cache(self, kv_cache: KVCache, key: Tensor) -> None:
         """Raise ``ValueError`` unless ``kv_cache`` can store ``key``, ``(B, n_kv_heads, T, head_dim)``."""
@@ -234,7 +245,12 @@ class _SelfAttention(nn.Module):
                 "positions were given, but this layer has no RoPE; construct it with rope_base, "
                 "for example rope_base=10000.0"
             )
-        if not isinstance(positions, Tensor) or positions.shape not in ((seq_len,), (batch, seq_len)):
+        if not isinstance(positions, Tensor):
+            raise ValueError(
+                f"positions must be a torch.Tensor of shape (seq_len={seq_len},) or (batch={batch}, "
+                f"seq_len={seq_len}), got {type(positions).__name__}; wrap it in torch.tensor()"
+            )
+        if positions.shape not in ((seq_len,), (batch, seq_len)):
             raise ValueError(
                 f"positions has shape {tuple(getattr(positions, 'shape', ()))}; expected "
                 f"(seq_len={seq_len},) or (batch={batch}, seq_len={seq_len})"
@@ -272,7 +288,7 @@ class _SelfAttention(nn.Module):
         if attn_mask is None:
             return None
         batch, n_heads, query_len, _ = query.shape
-        check_mask(attn_mask, (batch, n_heads, query_len, key_len))
+        check_mask(attn_mask, (batch, n_heads, query_len, key_len), device=query.device)
         if not is_causal:
             return attn_mask
         device = query.device
@@ -355,6 +371,10 @@ class _SelfAttention(nn.Module):
             elif query_len > 1:
                 attn_mask = causal_mask(query_len, key_len, device=query.device)
             # A single query sits at the last position and may attend to every key, so it needs no mask.
+        if attn_mask is not None and attn_mask.dim() < 4:
+            # PyTorch 2.13's kernel raises IndexError for a mask of rank 0 or 1, such as a (S,) padding
+            # mask that the explicit backend broadcasts. Left-padding the shape with ones broadcasts alike.
+            attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
         return F.scaled_dot_product_attention(
             query,
             key,
@@ -398,6 +418,7 @@ class _SelfAttention(nn.Module):
         Returns:
             ``(batch, seq_len, d_model)``.
         """
+        check_bool("is_causal", is_causal)
         query, key, value = self._project(x)  # (B, n_heads, T, head_dim), (B, n_kv_heads, T, head_dim) x 2
         batch, _, seq_len, _ = query.shape
         if positions is not None:
@@ -442,6 +463,7 @@ class _SelfAttention(nn.Module):
         when the layer has it. Query heads of one group share keys but not
         weights, because their queries differ.
         """
+        check_bool("is_causal", is_causal)
         query, key, _ = self._project(x)
         if positions is not None:
             self._check_positions(positions, query.size(0), query.size(2))

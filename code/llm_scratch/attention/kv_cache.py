@@ -20,10 +20,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from llm_scratch._checks import check_positive_int, is_int
 
-def _check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid; expected a positive int")
+
+def _check_positive_int(name: str, value: object) -> int:
+    return check_positive_int(name, value)
 
 
 def kv_cache_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -32,8 +33,11 @@ def kv_cache_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtyp
     Each layer stores one key and one value vector per key-value head, so the
     total is ``2 * n_layers * n_kv_heads * head_dim * bytes_per_element``.
     """
-    for name, value in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
-        _check_positive_int(name, value)
+    n_layers = _check_positive_int("n_layers", n_layers)
+    n_kv_heads = _check_positive_int("n_kv_heads", n_kv_heads)
+    head_dim = _check_positive_int("head_dim", head_dim)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype={dtype!r} is invalid; expected a torch.dtype such as torch.float16")
     return 2 * n_layers * n_kv_heads * head_dim * dtype.itemsize
 
 
@@ -66,13 +70,10 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
-        for name, value in (
-            ("batch", batch),
-            ("n_kv_heads", n_kv_heads),
-            ("head_dim", head_dim),
-            ("max_seq_len", max_seq_len),
-        ):
-            _check_positive_int(name, value)
+        batch = _check_positive_int("batch", batch)
+        n_kv_heads = _check_positive_int("n_kv_heads", n_kv_heads)
+        head_dim = _check_positive_int("head_dim", head_dim)
+        max_seq_len = _check_positive_int("max_seq_len", max_seq_len)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype={dtype!r} is invalid; expected a floating-point torch.dtype")
 
@@ -152,7 +153,7 @@ class KVCache:
         calls add one token or several at once.
 
         Args:
-            keys: ``(batch, n_kv_heads, new_len, head_dim)``.
+            keys: ``(batch, n_kv_heads, new_len, head_dim)`` with ``new_len >= 1``.
             values: ``(batch, n_kv_heads, new_len, head_dim)``.
 
         Returns:
@@ -177,6 +178,8 @@ class KVCache:
             )
 
         new_len = keys.size(2)
+        if new_len == 0:
+            raise ValueError("keys and values hold 0 positions; expected at least 1 position to append")
         self.check_room(new_len)
         start, end = self._seq_len, self._seq_len + new_len
         self.key_storage[:, :, start:end] = keys
@@ -190,12 +193,12 @@ class KVCache:
         The storage is kept, and the dropped positions are overwritten by the
         next :meth:`append`.
         """
-        if not isinstance(seq_len, int) or not 0 <= seq_len <= self._seq_len:
+        if not is_int(seq_len) or not 0 <= seq_len <= self._seq_len:
             raise ValueError(
                 f"seq_len={seq_len!r} is invalid; expected an int between 0 and the "
                 f"{self._seq_len} filled positions"
             )
-        self._seq_len = seq_len
+        self._seq_len = int(seq_len)
 
     def reset(self) -> None:
         """Empty the cache for a new prompt; the storage is kept and later overwritten."""
@@ -224,7 +227,7 @@ class ModelKVCache(Sequence[KVCache]):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
-        _check_positive_int("n_layers", n_layers)
+        n_layers = _check_positive_int("n_layers", n_layers)
         self.layers = [
             KVCache(batch, n_kv_heads, head_dim, max_seq_len, dtype=dtype, device=device)
             for _ in range(n_layers)

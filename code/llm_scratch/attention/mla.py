@@ -31,6 +31,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from llm_scratch._checks import check_bool, check_input_dtype, check_positive_int, is_int
 from llm_scratch.attention.mla_config import MLAConfig
 from llm_scratch.attention.rope import apply_rope, rope_cos_sin
 from llm_scratch.attention.sdpa import causal_mask, check_mask, scaled_dot_product_attention
@@ -78,7 +79,7 @@ class MLAKVCache:
     Args:
         batch: number of sequences decoded together.
         kv_lora_rank: width of the latent ``c_KV``.
-        qk_rope_head_dim: width of the rotated key ``k_R``.
+        qk_rope_head_dim: width of the rotated key ``k_R``; even.
         max_seq_len: positions the storage has room for, prompt included.
         dtype: dtype of the storage; must match the layer's.
         device: device of the storage; must match the layer's.
@@ -94,14 +95,15 @@ class MLAKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
-        for name, value in (
-            ("batch", batch),
-            ("kv_lora_rank", kv_lora_rank),
-            ("qk_rope_head_dim", qk_rope_head_dim),
-            ("max_seq_len", max_seq_len),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is invalid; expected a positive int")
+        batch = check_positive_int("batch", batch)
+        kv_lora_rank = check_positive_int("kv_lora_rank", kv_lora_rank)
+        qk_rope_head_dim = check_positive_int("qk_rope_head_dim", qk_rope_head_dim)
+        max_seq_len = check_positive_int("max_seq_len", max_seq_len)
+        if qk_rope_head_dim % 2 != 0:
+            raise ValueError(
+                f"qk_rope_head_dim={qk_rope_head_dim} is odd; RoPE rotates pairs of features, so "
+                f"it must be even, as MLAConfig requires"
+            )
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype={dtype!r} is invalid; expected a floating-point torch.dtype")
 
@@ -224,12 +226,12 @@ class MLAKVCache:
         The storage is kept, and the dropped positions are overwritten by the
         next :meth:`append`.
         """
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 <= seq_len <= self._seq_len:
+        if not is_int(seq_len) or not 0 <= seq_len <= self._seq_len:
             raise ValueError(
                 f"seq_len={seq_len!r} is invalid; expected an int between 0 and the "
                 f"{self._seq_len} filled positions"
             )
-        self._seq_len = seq_len
+        self._seq_len = int(seq_len)
 
     def reset(self) -> None:
         """Empty the cache for a new prompt; the storage is kept and later overwritten."""
@@ -338,9 +340,17 @@ class MultiHeadLatentAttention(nn.Module):
                 f"x has shape {tuple(x.shape)}; expected (batch, seq_len, d_model={self.config.d_model})"
             )
         batch, seq_len, _ = x.shape
+        if seq_len == 0:
+            raise ValueError(f"x has shape {tuple(x.shape)}, seq_len 0; expected at least 1 token")
+        check_input_dtype(x, self.kv_down_proj.weight)
 
         if positions is not None:
-            if not isinstance(positions, Tensor) or positions.shape not in ((seq_len,), (batch, seq_len)):
+            if not isinstance(positions, Tensor):
+                raise ValueError(
+                    f"positions must be a torch.Tensor of shape (seq_len={seq_len},) or (batch={batch}, "
+                    f"seq_len={seq_len}), got {type(positions).__name__}; wrap it in torch.tensor()"
+                )
+            if positions.shape not in ((seq_len,), (batch, seq_len)):
                 raise ValueError(
                     f"positions has shape {tuple(getattr(positions, 'shape', ()))}; expected "
                     f"(seq_len={seq_len},) or (batch={batch}, seq_len={seq_len})"
@@ -488,7 +498,7 @@ class MultiHeadLatentAttention(nn.Module):
         """Fold ``is_causal`` into ``attn_mask`` so a padding mask and causality can be combined."""
         if attn_mask is None:
             return None
-        check_mask(attn_mask, (batch, self.n_heads, query_len, key_len))
+        check_mask(attn_mask, (batch, self.n_heads, query_len, key_len), device=device)
         if not is_causal:
             return attn_mask
         causal = causal_mask(query_len, key_len, device=device)
@@ -531,6 +541,8 @@ class MultiHeadLatentAttention(nn.Module):
         Returns:
             ``(batch, seq_len, d_model)``.
         """
+        check_bool("is_causal", is_causal)
+        check_bool("absorb", absorb)
         self._check_input(x, positions, kv_cache)
         batch, seq_len, _ = x.shape
         cached_len = 0 if kv_cache is None else kv_cache.seq_len
@@ -598,6 +610,26 @@ def _hf_key_names(config: MLAConfig) -> list[str]:
     return names
 
 
+def _module_key_names(config: MLAConfig) -> list[str]:
+    names = [
+        "q_nope_proj.weight",
+        "q_rope_proj.weight",
+        "kv_down_proj.weight",
+        "k_rope_proj.weight",
+        "kv_norm.weight",
+        "k_nope_proj.weight",
+        "v_proj.weight",
+        "o_proj.weight",
+    ]
+    if config.q_lora_rank is not None:
+        names += ["q_down_proj.weight", "q_norm.weight"]
+    if config.attention_bias:
+        names += ["kv_down_proj.bias", "k_rope_proj.bias", "o_proj.bias"]
+        if config.q_lora_rank is not None:
+            names.append("q_down_proj.bias")
+    return names
+
+
 def state_dict_from_hf(
     hf_state_dict: Mapping[str, Tensor], config: MLAConfig, prefix: str = ""
 ) -> dict[str, Tensor]:
@@ -659,7 +691,19 @@ def state_dict_to_hf(state_dict: Mapping[str, Tensor], config: MLAConfig) -> dic
     """Convert a :class:`MultiHeadLatentAttention` state dict to the packed names of ``DeepseekV2Attention``.
 
     This is the inverse of :func:`state_dict_from_hf`.
+
+    Raises:
+        ValueError: if a weight that ``config`` needs is missing from ``state_dict``.
     """
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    missing = [name for name in _module_key_names(config) if name not in state_dict]
+    if missing:
+        raise ValueError(
+            f"state_dict is missing the MultiHeadLatentAttention weights {missing}; pass the "
+            f"state_dict() of a module built from this config, and check q_lora_rank and attention_bias"
+        )
+
     n_heads = config.n_heads
     converted = {}
     packed_query = _join_heads_rows(

@@ -26,10 +26,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from llm_scratch._checks import check_positive_int
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid; expected a positive int")
+
+def _check_positive_int(name: str, value: Any) -> int:
+    return check_positive_int(name, value)
 
 
 def _check_positive_float(name: str, value: Any, example: str) -> None:
@@ -75,10 +76,11 @@ class MLAConfig:
 
     def __post_init__(self) -> None:
         sizes = ("d_model", "n_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-        for name in sizes:
-            _check_positive_int(name, getattr(self, name))
         if self.q_lora_rank is not None:
-            _check_positive_int("q_lora_rank", self.q_lora_rank)
+            sizes += ("q_lora_rank",)
+        for name in sizes:
+            # The dataclass is frozen, so object.__setattr__ stores NumPy integers as plain ints.
+            object.__setattr__(self, name, _check_positive_int(name, getattr(self, name)))
         if self.qk_rope_head_dim % 2 != 0:
             raise ValueError(
                 f"qk_rope_head_dim={self.qk_rope_head_dim} is odd; RoPE rotates pairs of "
@@ -161,6 +163,22 @@ class MLAConfig:
                 f"only, rope_type 'default'"
             )
         rope_theta = rope_parameters.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+
+        required = (
+            "hidden_size",
+            "num_attention_heads",
+            "q_lora_rank",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+        )
+        missing = [name for name in required if not hasattr(hf_config, name)]
+        if missing:
+            raise ValueError(
+                f"hf_config of type {type(hf_config).__name__} is missing the attributes "
+                f"{', '.join(missing)}; expected a DeepseekV2Config, which has {', '.join(required)}"
+            )
 
         n_kv_heads = getattr(hf_config, "num_key_value_heads", None)
         if n_kv_heads is not None and n_kv_heads != hf_config.num_attention_heads:

@@ -49,6 +49,17 @@ def _check_base(base: float) -> None:
         raise ValueError(f"base={base} is invalid; expected a finite positive number such as 10000.0")
 
 
+def _check_rotatable(x: Tensor, name: str = "x") -> None:
+    """Raise ``ValueError`` unless ``x`` is a tensor whose last dimension splits into pairs of features."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.size(-1) < 2 or x.size(-1) % 2 != 0:
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}; expected a last dimension of positive even size, "
+            f"because RoPE rotates pairs of features"
+        )
+
+
 def _check_layout(layout: str) -> None:
     if layout not in ROPE_LAYOUTS:
         raise ValueError(f"layout={layout!r} is invalid; expected one of {ROPE_LAYOUTS}")
@@ -87,8 +98,8 @@ def rope_cos_sin(
         layout: ``"interleaved"`` repeats each angle for features ``2 i`` and
             ``2 i + 1``; ``"split_halves"`` for features ``i`` and
             ``i + dim / 2``.
-        dtype: dtype of the returned tables. The angles are computed in
-            float64 whatever this is.
+        dtype: floating-point dtype of the returned tables. The angles are
+            computed in float64 whatever this is.
 
     Returns:
         ``(cos, sin)``, each of shape ``positions.shape + (dim,)``, on the
@@ -101,6 +112,10 @@ def rope_cos_sin(
     if positions.dtype == torch.bool or positions.is_complex():
         raise ValueError(f"positions has dtype {positions.dtype}; expected an integer or floating dtype")
     _check_layout(layout)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype={dtype!r} is invalid; expected a floating-point torch.dtype such as torch.float32"
+        )
 
     frequencies = rope_frequencies(dim, base, device=positions.device)  # (dim/2,)
     angles = positions.to(torch.float64)[..., None] * frequencies  # (..., seq_len, dim/2)
@@ -112,13 +127,21 @@ def rope_cos_sin(
 
 
 def rotate_half(x: Tensor) -> Tensor:
-    """Map each pair ``(x_i, x_{i + dim/2})`` to ``(-x_{i + dim/2}, x_i)``, the split-halves layout."""
+    """Map each pair ``(x_i, x_{i + dim/2})`` to ``(-x_{i + dim/2}, x_i)``, the split-halves layout.
+
+    Raises ``ValueError`` unless the last dimension of ``x`` is positive and even.
+    """
+    _check_rotatable(x)
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
 
 
 def rotate_interleaved(x: Tensor) -> Tensor:
-    """Map each pair ``(x_{2i}, x_{2i+1})`` to ``(-x_{2i+1}, x_{2i})``, the interleaved layout."""
+    """Map each pair ``(x_{2i}, x_{2i+1})`` to ``(-x_{2i+1}, x_{2i})``, the interleaved layout.
+
+    Raises ``ValueError`` unless the last dimension of ``x`` is positive and even.
+    """
+    _check_rotatable(x)
     pairs = x.unflatten(-1, (-1, 2))  # (..., dim) -> (..., dim/2, 2)
     rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1)  # (..., dim/2, 2)
     return rotated.flatten(-2)  # (..., dim/2, 2) -> (..., dim)
@@ -142,10 +165,26 @@ def apply_rope(
         tables keep their precision for bfloat16 inputs.
     """
     _check_layout(layout)
-    if not isinstance(x, Tensor) or x.dim() != 4:
+    if not isinstance(x, Tensor):
+        raise ValueError(
+            f"x must be a torch.Tensor of shape (batch, heads, seq_len, dim), got {type(x).__name__}"
+        )
+    if x.dim() != 4:
         raise ValueError(
             f"x has shape {tuple(getattr(x, 'shape', ()))}; expected (batch, heads, seq_len, dim)"
         )
+    if not x.is_floating_point():
+        raise ValueError(
+            f"x has dtype {x.dtype}; expected a floating-point dtype, because the rotated features are "
+            f"not integers; convert it with x.float()"
+        )
+    for name, table in (("cos", cos), ("sin", sin)):
+        if not isinstance(table, Tensor):
+            raise ValueError(
+                f"{name} must be a torch.Tensor from rope_cos_sin, got {type(table).__name__}"
+            )
+        if not table.is_floating_point():
+            raise ValueError(f"{name} has dtype {table.dtype}; expected a floating-point dtype")
     if cos.shape != sin.shape:
         raise ValueError(f"cos has shape {tuple(cos.shape)} but sin has shape {tuple(sin.shape)}")
     if cos.dim() not in (2, 3) or cos.shape[-2:] != x.shape[-2:]:
@@ -215,6 +254,8 @@ def convert_rope_weight(
         projection in the same way leaves every attention score unchanged.
     """
     _check_dim(head_dim, "head_dim")
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() not in (1, 2) or weight.size(0) % head_dim != 0:
         raise ValueError(
             f"weight has shape {tuple(weight.shape)}; expected (n_heads * head_dim, in_features) "

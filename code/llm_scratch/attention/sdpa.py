@@ -1,8 +1,12 @@
 """Scaled dot-product attention, written out step by step.
 
 The public function mirrors ``torch.nn.functional.scaled_dot_product_attention``
-(PyTorch 2.13): the same arguments, shapes and mask semantics, so either can
-replace the other. It differs from PyTorch's function in two documented ways:
+(PyTorch 2.13): the same shapes and mask semantics, and the same arguments
+except ``enable_gqa``, which it does not take. Key and value heads must
+therefore equal the query heads or broadcast to them (one head, as in
+multi-query attention). The layers in :mod:`llm_scratch.attention.base`
+handle grouped heads themselves before they call this function. It also
+differs from PyTorch's function in these documented ways:
 
 * With ``is_causal=True`` and fewer queries than keys (L < S), the causal mask
   is aligned to the bottom-right corner: query ``i`` sits at position
@@ -10,6 +14,10 @@ replace the other. It differs from PyTorch's function in two documented ways:
   key-value cache needs. PyTorch aligns the mask to the top-left corner.
 * A query row whose keys are all masked returns zeros, with finite gradients,
   instead of NaN.
+* Query and key feature size ``E = 0`` raises ``ValueError`` when ``scale``
+  is ``None``, because the default scale ``1 / sqrt(E)`` is undefined.
+
+As in PyTorch, no keys at all (``S = 0``) give zero outputs.
 
 Half-precision inputs (float16, bfloat16) are computed in float32 and the
 result is cast back, so they stay finite wherever float32 inputs would.
@@ -20,6 +28,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from llm_scratch._checks import check_bool, check_probability, check_scale, is_int
 
 _LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -35,6 +45,9 @@ def causal_mask(
     triangle. When ``query_len > key_len`` the first
     ``query_len - key_len`` rows have no key to attend to.
     """
+    for name, value in (("query_len", query_len), ("key_len", key_len)):
+        if not is_int(value):
+            raise ValueError(f"{name}={value!r} is invalid; expected a positive int")
     if query_len < 1 or key_len < 1:
         raise ValueError(
             f"query_len={query_len} and key_len={key_len} must both be at least 1"
@@ -64,6 +77,9 @@ def _stable_softmax(scores: Tensor, dim: int, in_place: bool) -> Tensor:
     long sequences are the largest tensors of attention. Callers pass
     ``in_place=True`` only for a scores tensor they created themselves.
     """
+    if scores.size(dim) == 0:
+        # No entries to normalize: return the empty tensor, as torch.softmax does.
+        return scores if in_place else scores.clone()
     row_max = scores.detach().amax(dim=dim, keepdim=True)
     # A row of all -inf has max -inf, and -inf - (-inf) is NaN. Shifting such a
     # row by 0 instead leaves exp(-inf) = 0 in every entry.
@@ -88,8 +104,11 @@ def _check_inputs(
     value: Tensor,
     attn_mask: Tensor | None,
     is_causal: bool,
+    scale: float | None,
 ) -> tuple[int, ...]:
-    """Validate shapes and return the broadcast shape ``(..., L, S)`` of the scores."""
+    """Validate the arguments and return the broadcast shape ``(..., L, S)`` of the scores."""
+    check_bool("is_causal", is_causal)
+    check_scale(scale)
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if not isinstance(tensor, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -105,6 +124,11 @@ def _check_inputs(
         raise ValueError(
             f"query feature size {query.size(-1)} does not match key feature size "
             f"{key.size(-1)}; query is (..., L, E) and key is (..., S, E)"
+        )
+    if query.size(-1) == 0 and scale is None:
+        raise ValueError(
+            f"query feature size 0 (query shape {tuple(query.shape)}) leaves the default scale "
+            f"1 / sqrt(E) undefined; expected at least 1 feature, or pass scale explicitly"
         )
     if key.size(-2) != value.size(-2):
         raise ValueError(
@@ -132,14 +156,26 @@ def _check_inputs(
                 "attn_mask and is_causal=True were both given; pass is_causal=False and "
                 "combine the masks, for example attn_mask & causal_mask(L, S)"
             )
-        check_mask(attn_mask, scores_shape)
+        check_mask(attn_mask, scores_shape, device=query.device)
     return scores_shape
 
 
-def check_mask(attn_mask: Tensor, scores_shape: tuple[int, ...]) -> None:
-    """Raise ``ValueError`` unless ``attn_mask`` is a bool or float mask broadcastable to ``scores_shape``."""
+def check_mask(
+    attn_mask: Tensor, scores_shape: tuple[int, ...], *, device: torch.device | None = None
+) -> None:
+    """Raise ``ValueError`` unless ``attn_mask`` is a bool or float mask broadcastable to ``scores_shape``.
+
+    With ``device`` given, which is the query's device, the mask must also be
+    on it. A mask on another device would otherwise fail inside PyTorch or, on
+    the ``meta`` device, be skipped without an error.
+    """
     if not isinstance(attn_mask, Tensor):
         raise ValueError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if device is not None and not _same_device(attn_mask.device, torch.device(device)):
+        raise ValueError(
+            f"attn_mask is on device {attn_mask.device}, but the query is on {device}; "
+            f"move the mask with attn_mask.to(query.device)"
+        )
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         raise ValueError(
             f"attn_mask has dtype {attn_mask.dtype}; expected torch.bool "
@@ -156,6 +192,13 @@ def check_mask(attn_mask: Tensor, scores_shape: tuple[int, ...]) -> None:
         )
 
 
+def _same_device(actual: torch.device, expected: torch.device) -> bool:
+    """Return whether ``actual`` is ``expected``, a device without an index matching any index."""
+    if actual.type != expected.type:
+        return False
+    return expected.index is None or actual.index == expected.index
+
+
 def attention_weights(
     query: Tensor,
     key: Tensor,
@@ -170,8 +213,10 @@ def attention_weights(
     of that row is masked). Masks follow :func:`scaled_dot_product_attention`.
     The weights are returned in float32 for float16 and bfloat16 inputs.
     """
+    if not isinstance(key, Tensor):
+        raise ValueError(f"key must be a torch.Tensor, got {type(key).__name__}")
     placeholder_value = key[..., :1]
-    _check_inputs(query, key, placeholder_value, attn_mask, is_causal)
+    _check_inputs(query, key, placeholder_value, attn_mask, is_causal, scale)
     return _attention_weights(query, key, attn_mask, is_causal, scale)
 
 
@@ -195,7 +240,9 @@ def _attention_weights(
     scores = query @ key.transpose(-2, -1)  # (..., L, S)
     scores.mul_(scale)
 
-    if is_causal:
+    if is_causal and query.size(-2) > 0 and key.size(-2) > 0:
+        # Without queries or without keys there is nothing to mask, and
+        # causal_mask rejects a zero length.
         attn_mask = causal_mask(query.size(-2), key.size(-2), device=query.device)
     if attn_mask is not None and torch.broadcast_shapes(scores.shape, attn_mask.shape) != scores.shape:
         # Some batch dimensions appear only in value and the mask, not in the
@@ -239,7 +286,8 @@ def scaled_dot_product_attention(
         ``(..., L, Ev)`` in the dtype of ``query``. Rows whose keys are all
         masked are zero.
     """
-    _check_inputs(query, key, value, attn_mask, is_causal)
+    _check_inputs(query, key, value, attn_mask, is_causal, scale)
+    check_probability("dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} is invalid; expected 0 <= dropout_p < 1")
 
@@ -259,6 +307,8 @@ def padding_mask(lengths: Tensor, seq_len: int) -> Tensor:
     ``True`` marks a real key that may be attended to. The two singleton axes
     broadcast over heads and queries.
     """
+    if not is_int(seq_len) or seq_len < 0:
+        raise ValueError(f"seq_len={seq_len!r} is invalid; expected an int >= 0")
     if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.is_floating_point():
         raise ValueError(
             f"lengths must be a 1-D integer tensor of sequence lengths, got {lengths!r}"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from llm_scratch._checks import check_positive_int, is_int
 from llm_scratch.attention import (
     GroupedQueryAttention,
     KVCache,
@@ -39,9 +40,7 @@ class TinyDecoderConfig:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is invalid; expected a positive int")
+            setattr(self, name, check_positive_int(name, getattr(self, name)))
 
 
 def make_attention(d_model: int, n_heads: int, n_kv_heads: int, backend: str = "explicit") -> nn.Module:
@@ -76,7 +75,8 @@ class TinyDecoder(nn.Module):
     """A decoder-only language model with a configurable attention variant.
 
     ``forward(tokens, kv_caches=None)`` maps ``(batch, seq_len)`` token ids to
-    ``(batch, seq_len, vocab_size)`` logits. With a :class:`ModelKVCache`
+    ``(batch, seq_len, vocab_size)`` logits. The ids must be integers in
+    ``[0, vocab_size)``, and ``seq_len`` must be at least 1. With a :class:`ModelKVCache`
     from :meth:`make_kv_cache`, the tokens are taken to follow the cached
     ones: their positions start at ``kv_caches.seq_len`` and every layer
     appends to its own cache.
@@ -108,9 +108,28 @@ class TinyDecoder(nn.Module):
             device=weight.device,
         )
 
-    def forward(self, tokens: Tensor, kv_caches: ModelKVCache | None = None) -> Tensor:
+    def _check_tokens(self, tokens: Tensor, name: str = "tokens") -> None:
+        """Raise ``ValueError`` unless ``tokens`` is ``(batch, seq_len)`` ids in ``[0, vocab_size)``."""
+        if not isinstance(tokens, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}")
         if tokens.dim() != 2:
-            raise ValueError(f"tokens has shape {tuple(tokens.shape)}; expected (batch, seq_len)")
+            raise ValueError(f"{name} has shape {tuple(tokens.shape)}; expected (batch, seq_len)")
+        if tokens.size(1) == 0:
+            raise ValueError(f"{name} has shape {tuple(tokens.shape)}, seq_len 0; expected at least 1 token")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise ValueError(
+                f"{name} has dtype {tokens.dtype}; expected an integer dtype such as torch.long"
+            )
+        vocab_size = self.config.vocab_size
+        if tokens.numel() > 0:
+            low, high = (int(bound) for bound in torch.aminmax(tokens))
+            if low < 0 or high >= vocab_size:
+                raise ValueError(
+                    f"{name} contains ids from {low} to {high}; expected ids in [0, vocab_size={vocab_size})"
+                )
+
+    def forward(self, tokens: Tensor, kv_caches: ModelKVCache | None = None) -> Tensor:
+        self._check_tokens(tokens)
         if kv_caches is not None and len(kv_caches) != len(self.blocks):
             raise ValueError(
                 f"kv_caches has {len(kv_caches)} layers; expected n_layers={len(self.blocks)}"
@@ -141,8 +160,10 @@ class TinyDecoder(nn.Module):
             ``(batch, prompt_len + max_new_tokens)``, the prompt followed by
             the generated tokens.
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if not is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid; expected an int >= 0")
+        max_new_tokens = int(max_new_tokens)
+        self._check_tokens(prompt, "prompt")
         total = prompt.size(1) + max_new_tokens
         if total > self.config.max_seq_len:
             raise ValueError(
