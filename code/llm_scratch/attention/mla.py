@@ -475,16 +475,43 @@ class MultiHeadLatentAttention(nn.Module):
         q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # (B, n_heads, T, kv_lora_rank)
         query = torch.cat((q_latent, q_rope), dim=-1)  # (B, n_heads, T, kv_lora_rank + d_R)
 
+        # Every head attends over the same keys and values, so the heads are stacked along the
+        # query axis and one matmul per sequence serves them all. Broadcasting n_heads query
+        # heads against one key head instead makes matmul copy the cached latents n_heads times.
+        batch, n_heads, query_len, width = query.shape
+        key_len = latent.size(1)
+        # (B, n_heads, L, C + d_R) -> (B, 1, n_heads * L, C + d_R); head h fills rows h * L .. h * L + L - 1.
+        folded = query.reshape(batch, 1, n_heads * query_len, width)
+        if attn_mask is not None:
+            attn_mask = self._fold_mask(attn_mask, query_len)
+        elif is_causal and query_len > 1:
+            # (L, S) -> (n_heads * L, S): every head repeats the same rows.
+            attn_mask = causal_mask(query_len, key_len, device=query.device).repeat(n_heads, 1)
+        # A single query sits at the last position and may attend to every key, so it needs no mask.
+
         # One key and value sequence shared by all heads: (B, S, .) -> (B, 1, S, .).
         key = torch.cat((latent, k_rope), dim=-1).unsqueeze(1)
         value = latent.unsqueeze(1)
         attended_latent = scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=self.softmax_scale
-        )  # (B, n_heads, T, kv_lora_rank)
+            folded, key, value, attn_mask=attn_mask, scale=self.softmax_scale
+        )  # (B, 1, n_heads * L, kv_lora_rank)
+        # (B, 1, n_heads * L, kv_lora_rank) -> (B, n_heads, L, kv_lora_rank)
+        attended_latent = attended_latent.view(batch, n_heads, query_len, self.kv_lora_rank)
 
         # Attention is linear in the values, so applying W_UV after attending equals attending over W_UV c.
         w_uv = self.v_proj.weight.view(self.n_heads, self.v_head_dim, self.kv_lora_rank)
         return torch.einsum("bhtc,hvc->bhtv", attended_latent, w_uv)  # (B, n_heads, T, v_head_dim)
+
+    def _fold_mask(self, attn_mask: Tensor, query_len: int) -> Tensor:
+        """Reshape a mask broadcastable to ``(B, n_heads, L, S)`` to ``(B or 1, 1, n_heads * L, S)``."""
+        # Left-pad the shape with ones to rank 4: (B or 1, n_heads or 1, L or 1, S or 1).
+        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        if attn_mask.size(1) == 1 and attn_mask.size(2) == 1:
+            return attn_mask  # the same for every head and query, so it broadcasts over the folded rows
+        batch, key_len = attn_mask.size(0), attn_mask.size(3)
+        expanded = attn_mask.expand(batch, self.n_heads, query_len, key_len)
+        # (B, n_heads, L, S) -> (B, 1, n_heads * L, S)
+        return expanded.reshape(batch, 1, self.n_heads * query_len, key_len)
 
     def _combine_masks(
         self,
