@@ -63,7 +63,8 @@ def repeat_kv(kv: Tensor, group_size: int) -> Tensor:
     batch, n_kv_heads, seq_len, head_dim = kv.shape
     # (B, n_kv_heads, T, head_dim) -> (B, n_kv_heads, group_size, T, head_dim), a view
     expanded = kv[:, :, None].expand(batch, n_kv_heads, group_size, seq_len, head_dim)
-    # (B, n_kv_heads, group_size, T, head_dim) -> (B, n_kv_heads * group_size, T, head_dim), a copy
+    # (B, n_kv_heads, group_size, T, head_dim) -> (B, n_kv_heads * group_size, T, head_dim): a copy,
+    # except when n_kv_heads == 1, where reshape returns a stride-0 view of kv.
     return expanded.reshape(batch, n_kv_heads * group_size, seq_len, head_dim)
 
 
