@@ -10,7 +10,6 @@ from llm_scratch.attention import (
     MultiHeadAttention,
     MultiQueryAttention,
     kv_cache_bytes_per_token,
-    padding_mask,
 )
 
 BACKENDS = ["explicit", "torch"]

@@ -68,6 +68,33 @@ def repeat_kv(kv: Tensor, group_size: int) -> Tensor:
     return expanded.reshape(batch, n_kv_heads * group_size, seq_len, head_dim)
 
 
+def combine_with_causal(attn_mask: Tensor, query_len: int, key_len: int) -> Tensor:
+    """Combine a boolean or additive ``attn_mask`` with the bottom-right causal mask of ``(query_len, key_len)``."""
+    causal = causal_mask(query_len, key_len, device=attn_mask.device)
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & causal
+    blocked = torch.zeros(query_len, key_len, dtype=attn_mask.dtype, device=attn_mask.device)
+    return attn_mask + blocked.masked_fill(~causal, float("-inf"))
+
+
+def fold_mask(attn_mask: Tensor, n_heads: int, n_groups: int, query_len: int) -> Tensor:
+    """Reshape a mask broadcastable to ``(B, n_heads, L, S)`` for queries folded to ``(B, n_groups, (n_heads // n_groups) * L, .)``.
+
+    Query head ``h`` belongs to group ``h // (n_heads // n_groups)`` and fills
+    the rows of that group in head order. A mask that is the same for every
+    head and query is returned as it is, because it broadcasts over the folded
+    rows.
+    """
+    # Left-pad the shape with ones to rank 4: (B or 1, n_heads or 1, L or 1, S or 1).
+    attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if attn_mask.size(1) == 1 and attn_mask.size(2) == 1:
+        return attn_mask
+    batch, key_len = attn_mask.size(0), attn_mask.size(3)
+    expanded = attn_mask.expand(batch, n_heads, query_len, key_len)
+    # (B, n_heads, L, S) -> (B, n_groups, (n_heads // n_groups) * L, S)
+    return expanded.reshape(batch, n_groups, (n_heads // n_groups) * query_len, key_len)
+
+
 def _check_positive_int(name: str, value: object) -> int:
     return check_positive_int(name, value)
 
@@ -292,26 +319,11 @@ class _SelfAttention(nn.Module):
         check_mask(attn_mask, (batch, n_heads, query_len, key_len), device=query.device)
         if not is_causal:
             return attn_mask
-        device = query.device
-        causal = causal_mask(query_len, key_len, device=device)
-        if attn_mask.dtype == torch.bool:
-            return attn_mask & causal
-        blocked = torch.zeros(query_len, key_len, dtype=attn_mask.dtype, device=device)
-        return attn_mask + blocked.masked_fill(~causal, float("-inf"))
+        return combine_with_causal(attn_mask, query_len, key_len)
 
     def _fold_mask(self, attn_mask: Tensor, query_len: int) -> Tensor:
-        """Reshape a mask broadcastable to ``(B, n_heads, L, S)`` to fit the folded queries.
-
-        :meth:`_attend_explicit` folds the queries to ``(B, n_kv_heads, group_size * L, head_dim)``.
-        """
-        # Left-pad the shape with ones to rank 4: (B or 1, n_heads or 1, L or 1, S or 1).
-        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-        if attn_mask.size(1) == 1 and attn_mask.size(2) == 1:
-            return attn_mask  # the same for every head and query, so it broadcasts over the folded rows
-        batch, key_len = attn_mask.size(0), attn_mask.size(3)
-        expanded = attn_mask.expand(batch, self.n_heads, query_len, key_len)
-        # (B, n_heads, L, S) -> (B, n_kv_heads, group_size * L, S)
-        return expanded.reshape(batch, self.n_kv_heads, self.group_size * query_len, key_len)
+        """Reshape a mask to fit the queries that :meth:`_attend_explicit` folds to ``(B, n_kv_heads, group_size * L, head_dim)``."""
+        return fold_mask(attn_mask, self.n_heads, self.n_kv_heads, query_len)
 
     def _attend_explicit(
         self,

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from llm_scratch._checks import check_bool, check_input_dtype, check_positive_int, is_int
+from llm_scratch.attention.base import combine_with_causal, fold_mask
 from llm_scratch.attention.mla_config import MLAConfig
 from llm_scratch.attention.rope import apply_rope, rope_cos_sin
 from llm_scratch.attention.sdpa import causal_mask, check_mask, scaled_dot_product_attention
@@ -504,14 +505,7 @@ class MultiHeadLatentAttention(nn.Module):
 
     def _fold_mask(self, attn_mask: Tensor, query_len: int) -> Tensor:
         """Reshape a mask broadcastable to ``(B, n_heads, L, S)`` to ``(B or 1, 1, n_heads * L, S)``."""
-        # Left-pad the shape with ones to rank 4: (B or 1, n_heads or 1, L or 1, S or 1).
-        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-        if attn_mask.size(1) == 1 and attn_mask.size(2) == 1:
-            return attn_mask  # the same for every head and query, so it broadcasts over the folded rows
-        batch, key_len = attn_mask.size(0), attn_mask.size(3)
-        expanded = attn_mask.expand(batch, self.n_heads, query_len, key_len)
-        # (B, n_heads, L, S) -> (B, 1, n_heads * L, S)
-        return expanded.reshape(batch, 1, self.n_heads * query_len, key_len)
+        return fold_mask(attn_mask, self.n_heads, 1, query_len)
 
     def _combine_masks(
         self,
@@ -528,11 +522,7 @@ class MultiHeadLatentAttention(nn.Module):
         check_mask(attn_mask, (batch, self.n_heads, query_len, key_len), device=device)
         if not is_causal:
             return attn_mask
-        causal = causal_mask(query_len, key_len, device=device)
-        if attn_mask.dtype == torch.bool:
-            return attn_mask & causal
-        blocked = torch.zeros(query_len, key_len, dtype=attn_mask.dtype, device=device)
-        return attn_mask + blocked.masked_fill(~causal, float("-inf"))
+        return combine_with_causal(attn_mask, query_len, key_len)
 
     def forward(
         self,
