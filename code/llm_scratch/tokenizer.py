@@ -68,7 +68,8 @@ class WordTokenizer:
                 f"vocab must start with {[self.pad_token, self.unk_token]}, got {vocab[:2]}"
             )
         if len(set(vocab)) != len(vocab):
-            raise ValueError("vocab contains duplicate tokens")
+            duplicates = sorted({token for token in vocab if vocab.count(token) > 1})
+            raise ValueError(f"vocab contains duplicate tokens {duplicates}; each token must appear once")
         self.vocab = list(vocab)
         self.lowercase = lowercase
         self.token_to_id = {token: index for index, token in enumerate(self.vocab)}

@@ -720,3 +720,38 @@ def test_tiny_config_numpy_field_stored_as_int():
     config = TinyDecoderConfig(vocab_size=np.int64(50))
 
     assert type(config.vocab_size) is int
+
+
+@pytest.mark.parametrize("built_for, applied_as", [("interleaved", "split_halves"), ("split_halves", "interleaved")])
+def test_apply_rope_rejects_tables_of_other_layout(built_for, applied_as):
+    from llm_scratch.attention import apply_rope, rope_cos_sin
+
+    cos, sin = rope_cos_sin(torch.arange(3), 8, 1e4, layout=built_for)
+    with pytest.raises(ValueError, match=f"cos does not pair its features as layout='{applied_as}'"):
+        apply_rope(torch.randn(1, 2, 3, 8), cos, sin, layout=applied_as)
+
+
+@pytest.mark.parametrize("base", [0.5, 1.0])
+def test_rope_frequencies_rejects_base_not_above_one(base):
+    from llm_scratch.attention import rope_frequencies
+
+    with pytest.raises(ValueError, match=f"base={base} is invalid; expected a number greater than 1"):
+        rope_frequencies(8, base)
+
+
+def test_tokenizer_duplicate_message_names_token():
+    from llm_scratch.tokenizer import WordTokenizer
+
+    with pytest.raises(ValueError, match=r"vocab contains duplicate tokens \['a'\]"):
+        WordTokenizer(["<pad>", "<unk>", "a", "a"])
+
+
+def test_apply_rope_accepts_meta_tables():
+    from llm_scratch.attention import apply_rope, rope_cos_sin
+
+    cos, sin = rope_cos_sin(torch.arange(3), 8, 1e4)
+    x = torch.empty(1, 2, 3, 8, device="meta")
+
+    rotated = apply_rope(x, cos.to("meta"), sin.to("meta"))
+
+    assert rotated.shape == (1, 2, 3, 8)

@@ -47,6 +47,11 @@ def _check_base(base: float) -> None:
         raise ValueError(f"base={base!r} is invalid; expected a positive number such as 10000.0")
     if not math.isfinite(base) or base <= 0:
         raise ValueError(f"base={base} is invalid; expected a finite positive number such as 10000.0")
+    if base <= 1:
+        raise ValueError(
+            f"base={base} is invalid; expected a number greater than 1, so that the frequencies "
+            f"base^(-2i/dim) decrease from pair to pair, such as 10000.0"
+        )
 
 
 def _check_rotatable(x: Tensor, name: str = "x") -> None:
@@ -191,6 +196,23 @@ def apply_rope(
         raise ValueError(
             f"cos and sin have shape {tuple(cos.shape)}; expected (seq_len, dim) or "
             f"(batch, seq_len, dim) with seq_len={x.size(-2)} and dim={x.size(-1)}"
+        )
+    # Each pair of features shares one angle: adjacent features in the
+    # interleaved layout, features i and i + dim / 2 in the split-halves layout.
+    # Tables built for the other layout rotate the wrong features, so they are
+    # rejected here rather than returning a wrong rotation. Tables on the meta
+    # device hold no values, so they cannot be checked.
+    half = cos.size(-1) // 2
+    if cos.device.type == "meta":
+        same_angle = True
+    elif layout == "interleaved":
+        same_angle = torch.equal(cos[..., 0::2], cos[..., 1::2])
+    else:
+        same_angle = torch.equal(cos[..., :half], cos[..., half:])
+    if not same_angle:
+        raise ValueError(
+            f"cos does not pair its features as layout={layout!r} does; build the tables with "
+            f"rope_cos_sin(..., layout={layout!r})"
         )
     if cos.dim() == 3:
         cos = cos.unsqueeze(1)  # (B, T, dim) -> (B, 1, T, dim), shared by the heads
