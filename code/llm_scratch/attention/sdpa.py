@@ -10,7 +10,7 @@ differs from PyTorch's function in these documented ways:
 
 * With ``is_causal=True`` and fewer queries than keys (L < S), the causal mask
   is aligned to the bottom-right corner: query ``i`` sits at position
-  ``S - L + i`` and sees keys ``0 .. S - L + i``. This is what decoding with a
+  ``S - L + i`` and attends to keys ``0 .. S - L + i``. This is what decoding with a
   key-value cache needs. PyTorch aligns the mask to the top-left corner.
 * A query row whose keys are all masked returns zeros, with finite gradients,
   instead of NaN.
