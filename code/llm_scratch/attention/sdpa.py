@@ -303,7 +303,7 @@ def padding_mask(lengths: Tensor, seq_len: int) -> Tensor:
     """Build a boolean key-padding mask of shape ``(batch, 1, 1, seq_len)`` from sequence lengths.
 
     ``lengths`` is a 1-D integer tensor of the number of real tokens in each
-    sequence; the tokens are assumed to sit at the start, with padding after.
+    sequence. The real tokens must come first, followed by the padding.
     ``True`` marks a real key that may be attended to. The two singleton axes
     broadcast over heads and queries.
     """
